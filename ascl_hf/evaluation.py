@@ -32,7 +32,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import datasets
-import evaluate
 import torch
 from torch import nn
 from torch.nn import functional
@@ -365,12 +364,16 @@ def linear_probe_classify(probe: LinearProbe, features: torch.Tensor, *, top: in
 
 
 @lru_cache(maxsize=None)
-def load_metric(name: str) -> evaluate.EvaluationModule:
+def load_metric(name: str) -> "evaluate.EvaluationModule":
     """Loads a metric module shipped in `ascl_hf/metrics/<name>/` by local path (no Hub access)."""
     path = METRICS_DIRECTORY / name
     if not (path / f"{name}.py").is_file():
         available = sorted(entry.name for entry in METRICS_DIRECTORY.iterdir() if entry.is_dir())
         raise FileNotFoundError(f"No shipped metric {name!r} in {METRICS_DIRECTORY}; available: {available}.")
+    # Imported here, not at the top: scripts/evaluate.py shares the library's name, and any script run from
+    # scripts/ would import that file instead of the library (the pretraining loop uses this module's kNN).
+    import evaluate
+
     return evaluate.load(str(path))
 
 

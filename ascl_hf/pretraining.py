@@ -1,0 +1,273 @@
+"""The ASCL pretraining loop on Accelerate. Reads top to bottom: arguments → accelerator → data → model →
+optimiser and schedule → resume → loop → export. `scripts/pretrain.py` is its command-line entry point.
+"""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, EvalTransform, TwoViewAugment
+from .checkpointing import TrainingProgress, resolve_checkpoint, save_checkpoint
+from .configuration_ascl import AsclConfig
+from .data import build_pretraining_dataloader, load_image_dataset, load_labeled_split
+from .evaluation import extract_features, knn_classify
+from .modeling_ascl import AsclModel
+from .pretraining_arguments import PretrainingArguments
+from .schedules import momentum_at, warmup_cosine_schedule
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops before the bad update reaches the weights."""
+
+
+class GeneratorState:
+    """Makes a torch.Generator checkpointable through `accelerator.register_for_checkpointing`."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def build_model_config(args: PretrainingArguments) -> AsclConfig:
+    return AsclConfig(
+        backbone_config=args.backbone_config(),
+        small_image_stem=args.small_image_stem,
+        small_image_stem_max_pool=args.small_image_stem_max_pool,
+        projection_hidden_size=args.projection_hidden_size,
+        projection_dim=args.projection_dim,
+        predictor_hidden_size=args.predictor_hidden_size,
+        framework=args.framework,
+        relation=args.relation,
+        queue_size=args.queue_size,
+        momentum=args.momentum,
+        temperature=args.temperature,
+        target_temperature=args.target_temperature,
+        num_neighbors=args.num_neighbors,
+        shuffle_batch_norm=args.shuffle_batch_norm,
+    )
+
+
+def freeze_batch_norm(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def knn_accuracy(model: AsclModel, train_loader, test_loader, transform: EvalTransform, device, *, k, temperature):
+    """Weighted kNN top-1 accuracy (%) of the backbone's pooled features, test split against train split."""
+
+    def normalised(loader):
+        for batch in loader:
+            yield transform(batch["pixel_values"].to(device)), batch["labels"]
+
+    train_features, train_labels = extract_features(model, normalised(train_loader), show_progress=False)
+    test_features, test_labels = extract_features(model, normalised(test_loader), show_progress=False)
+    num_classes = int(torch.cat([train_labels, test_labels]).max()) + 1
+    ranked = knn_classify(train_features, train_labels, test_features, num_classes=num_classes, k=k,
+                          temperature=temperature, top=1)
+    return 100.0 * (ranked[:, 0] == test_labels).float().mean().item()
+
+
+def run_pretraining(args: PretrainingArguments) -> Path | None:
+    """Train, checkpoint, export. Returns the exported model folder (on the main process)."""
+    # --- accelerator
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dynamo_backend="inductor" if args.torch_compile else None,
+        # The seedable sampler makes each epoch's order a function of (seed, epoch): exact resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Buffers (BatchNorm statistics, the queue) need no broadcast: the queue is kept equal by gathering.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    set_seed(args.seed)  # same seed on every process: identical initial weights and queue
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "pretraining_arguments.json").write_text(json.dumps(vars(args), indent=2))
+
+    # --- data
+    source = load_image_dataset(
+        args.dataset, args.dataset_split, image_column=args.image_column, label_column=args.label_column,
+        streaming=args.streaming, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    train_loader = build_pretraining_dataloader(
+        source, image_size=args.image_size, batch_size=args.per_device_batch_size, num_workers=args.num_workers,
+        seed=args.seed, pin_memory=args.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=args.prefetch_factor,
+    )
+    augment = TwoViewAugment(AugmentConfig(
+        image_size=args.image_size, crop_scale=(args.crop_scale_min, 1.0), key_view=args.key_view,
+    ))
+    # Each process draws its own augmentations; the generator is checkpointed for exact resume.
+    augment_generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+    knn_loaders = None
+    if args.knn_train_split != "none" and args.knn_every_epochs > 0 and accelerator.is_main_process:
+        knn_source = args.knn_dataset or args.dataset
+        try:
+            knn_loaders = tuple(
+                load_labeled_split(knn_source, split, image_size=args.image_size, batch_size=256,
+                                   label_column=args.label_column, image_column=args.image_column)
+                for split in (args.knn_train_split, args.knn_test_split)
+            )
+        except (ValueError, FileNotFoundError) as error:
+            logger.warning("kNN monitor disabled: %s", error)
+
+    # --- model
+    model = AsclModel(build_model_config(args))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # --- optimiser and schedule
+    global_batch_size = args.per_device_batch_size * accelerator.num_processes
+    learning_rate = args.base_learning_rate * global_batch_size / 256
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    fused = {"fused": True} if args.fused_optimizer else {}
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=args.sgd_momentum,
+                                    weight_decay=args.weight_decay, **fused)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=args.weight_decay, **fused)
+
+    if source.streaming:  # the stream is sharded by `split_dataset_by_node`; accelerate must not shard it again
+        model, optimizer = accelerator.prepare(model, optimizer)
+        steps_per_epoch = args.max_steps or 0
+        if not steps_per_epoch:
+            raise ValueError("--streaming has no length: pass --max_steps.")
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{args.dataset!r} yields no full batch of {args.per_device_batch_size} per process: "
+            "lower --per_device_batch_size."
+        )
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = accelerator.prepare(scheduler)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress, GeneratorState(augment_generator))
+    unwrapped = accelerator.unwrap_model(model)
+
+    # --- resume
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"Resumed from {checkpoint} at step {progress.global_step}.")
+    if args.report_to != "none":
+        accelerator.init_trackers("ascl", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # --- loop
+    knn_history = []
+    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
+               desc="pretraining", dynamic_ncols=True)
+    last_checkpoint = None
+    while progress.global_step < total_steps:
+        model.train()
+        if args.freeze_batch_norm_statistics:
+            freeze_batch_norm(model)
+        if source.streaming:
+            train_loader.dataset.set_epoch(progress.epoch)
+            epoch_loader = train_loader
+        else:
+            train_loader.set_epoch(progress.epoch)
+            epoch_loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+        batches = iter(epoch_loader)
+        step_started = time.perf_counter()
+        while progress.step_in_epoch < steps_per_epoch and progress.global_step < total_steps:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            data_wait = time.perf_counter() - step_started
+            images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            query_view, key_view = augment(images, augment_generator)
+            if args.channels_last:
+                query_view = query_view.contiguous(memory_format=torch.channels_last)
+                key_view = key_view.contiguous(memory_format=torch.channels_last)
+            output = model(query_view, key_view)
+            loss_is_finite = accelerator.gather(torch.isfinite(output.loss.detach()).reshape(1)).all()
+            if not loss_is_finite:
+                where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"Loss is {output.loss.item()} at step {progress.global_step + 1} (epoch {progress.epoch}); "
+                    f"stopping before the update. {where}. Lower --base_learning_rate, set --max_grad_norm, or "
+                    "use bf16 instead of fp16."
+                )
+            accelerator.backward(output.loss)
+            if args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.update_momentum_encoder(
+                momentum_at(progress.global_step, total_steps, args.momentum, args.momentum_schedule)
+            )
+            progress.global_step += 1
+            progress.step_in_epoch += 1
+            step_time = time.perf_counter() - step_started
+            step_started = time.perf_counter()
+            bar.update(1)
+            if progress.global_step % args.logging_steps == 0 or progress.global_step == total_steps:
+                metrics = {
+                    "loss": output.loss.item(),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "confidence": output.confidence.item(),
+                    "max_neighbor_weight": output.max_neighbor_weight.item(),
+                    "images_per_second": global_batch_size / step_time,
+                    "data_wait_fraction": data_wait / step_time,
+                    "epoch": progress.epoch,
+                }
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.3g}",
+                                c=f"{metrics['confidence']:.2f}", img_s=f"{metrics['images_per_second']:.0f}")
+                accelerator.log(metrics, step=progress.global_step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "train_log.jsonl", "a") as log:
+                        log.write(json.dumps({"step": progress.global_step, **metrics}) + "\n")
+            if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0:
+                last_checkpoint = save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+        if progress.step_in_epoch >= steps_per_epoch:  # a full epoch ended
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            if knn_loaders and (progress.epoch % args.knn_every_epochs == 0 or progress.global_step == total_steps):
+                accuracy = knn_accuracy(unwrapped, *knn_loaders, EvalTransform(args.image_size), accelerator.device,
+                                        k=args.knn_k, temperature=args.knn_temperature)
+                knn_history.append({"epoch": progress.epoch, "step": progress.global_step, "knn_top1": accuracy})
+                accelerator.log({"knn_top1": accuracy}, step=progress.global_step)
+                bar.write(f"epoch {progress.epoch}: kNN top-1 {accuracy:.2f}%")
+                with open(output_dir / "knn_log.jsonl", "a") as log:
+                    log.write(json.dumps(knn_history[-1]) + "\n")
+            accelerator.wait_for_everyone()
+            last_checkpoint = save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+    bar.close()
+    if progress.step_in_epoch:  # stopped mid-epoch by --max_steps
+        save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+    accelerator.end_training()
+
+    # --- export
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    return export_pretrained(unwrapped, args, augment, knn_history)
+
+
+def export_pretrained(model: AsclModel, args: PretrainingArguments, augment: TwoViewAugment, knn_history) -> Path:
+    from .hub import export_model
+
+    return export_model(model, Path(args.output_dir) / "final", image_size=args.image_size,
+                        image_mean=augment.mean, image_std=augment.std)
