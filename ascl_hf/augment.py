@@ -1,14 +1,14 @@
 """Batched two-view augmentation on the training device, in plain torch.
 
 Strong view (query): random resized crop, horizontal flip, colour jitter, grayscale, Gaussian blur;
-weak view (key): random resized crop and flip (ASCL's best setting, Feng & Patras 2022, §4).
+weak view (key): random resized crop and flip (the paper's best setting: a weakly augmented teacher).
 
 Why plain torch and not kornia: on the 2-core CPU this was built on, kornia's ColorJitter
 (an HSV round trip per op) and per-sample blur made the strong view ~44 images/s at 224 px, slower
-than per-image PIL. Here every step is one batched op per batch:
+than per-image PIL. Here:
 
-- crop + resize is one antialiased uint8 resize per image on CPU (torch's fast path), one
-  ``affine_grid``/``grid_sample`` over the batch on accelerators; flips are one batched select;
+- crop + resize + flip is one antialiased uint8 resize per image on CPU (torch's fast path), one
+  ``affine_grid``/``grid_sample`` over the batch on accelerators (the flip folded into the matrix);
 - brightness, contrast, saturation and hue all act linearly on RGB (hue as a rotation of the
   chroma plane in YIQ space, a linear stand-in for the HSV hue shift), and they commute, so the
   whole jitter is one per-sample ``3×3`` matrix plus a grey offset, then a single clamp;
