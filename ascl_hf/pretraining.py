@@ -5,6 +5,7 @@ optimiser and schedule → resume → loop → export. `scripts/pretrain.py` is 
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from .augment import AugmentConfig, EvalTransform, TwoViewAugment
 from .checkpointing import TrainingProgress, resolve_checkpoint, save_checkpoint
 from .configuration_ascl import AsclConfig
 from .data import build_pretraining_dataloader, load_image_dataset, load_labeled_split
-from .evaluation import extract_features, knn_classify
+from .evaluation import extract_features, knn_classify, make_record
+from .hub import export_model, push_to_hub
 from .modeling_ascl import AsclModel
+from .plots import plot_knn_curve
 from .pretraining_arguments import PretrainingArguments
 from .schedules import momentum_at, warmup_cosine_schedule
 
@@ -178,6 +181,7 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
                desc="pretraining", dynamic_ncols=True)
     last_checkpoint = None
+    started = time.perf_counter()
     while progress.global_step < total_steps:
         model.train()
         if args.freeze_batch_norm_statistics:
@@ -263,11 +267,41 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    return export_pretrained(unwrapped, args, augment, knn_history)
+    card_facts = {
+        "model_id": args.hub_model_id or str(output_dir / "final"),
+        "pretraining_data": f"`{args.dataset}` ({args.dataset_split} split), {args.image_size} px",
+        "epochs": round(total_steps / steps_per_epoch, 2),
+        "steps": total_steps,
+        "batch_size": global_batch_size,
+        "learning_rate": learning_rate,
+        "hardware": f"{accelerator.num_processes} x {device_name(accelerator.device)}",
+        "training_time": f"{(time.perf_counter() - started) / 60:.1f} min (this session{', resumed' if args.resume_from_checkpoint else ''})",
+    }
+    if "/" in args.dataset and not Path(args.dataset).exists():
+        card_facts["datasets"] = [args.dataset]
+    return export_pretrained(unwrapped, args, augment, knn_history, card_facts)
 
 
-def export_pretrained(model: AsclModel, args: PretrainingArguments, augment: TwoViewAugment, knn_history) -> Path:
-    from .hub import export_model
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
 
-    return export_model(model, Path(args.output_dir) / "final", image_size=args.image_size,
-                        image_mean=augment.mean, image_std=augment.std)
+
+def export_pretrained(
+    model: AsclModel, args: PretrainingArguments, augment: TwoViewAugment, knn_history: list[dict], card_facts: dict
+) -> Path:
+    """Write `output_dir/final` (weights, config, image processor, card with the last kNN accuracy); push if asked."""
+    results = []
+    if knn_history:
+        results.append(make_record(
+            args.knn_dataset or args.dataset, args.knn_test_split, "knn_top1_accuracy",
+            knn_history[-1]["knn_top1"] / 100.0,
+            {"name": "weighted_knn", "k": args.knn_k, "temperature": args.knn_temperature,
+             "train_split": args.knn_train_split, "when": f"online monitor, epoch {knn_history[-1]['epoch']}"},
+        ))
+        plot_knn_curve([(entry["epoch"], entry["knn_top1"]) for entry in knn_history],
+                       Path(args.output_dir) / "knn_curve.png")
+    folder = export_model(model, Path(args.output_dir) / "final", image_size=args.image_size,
+                          image_mean=augment.mean, image_std=augment.std, card_data=card_facts, results=results)
+    if args.push_to_hub:
+        print(f"Pushed to {push_to_hub(folder, args.hub_model_id, private=args.hub_private)}")
+    return folder
