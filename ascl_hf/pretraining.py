@@ -149,9 +149,9 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
 
     if source.streaming:  # the stream is sharded by `split_dataset_by_node`; accelerate must not shard it again
         model, optimizer = accelerator.prepare(model, optimizer)
-        steps_per_epoch = args.max_steps or 0
-        if not steps_per_epoch:
-            raise ValueError("--streaming has no length: pass --max_steps.")
+        if not args.max_steps:
+            raise ValueError("--streaming has no length: pass --max_steps (and --warmup_steps).")
+        steps_per_epoch = args.max_steps  # an "epoch" is one pass over the stream, however long it is
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         steps_per_epoch = len(train_loader)
@@ -162,7 +162,8 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
         )
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
     scheduler = accelerator.prepare(scheduler)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress, GeneratorState(augment_generator))
@@ -194,9 +195,11 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             epoch_loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
         batches = iter(epoch_loader)
         step_started = time.perf_counter()
-        while progress.step_in_epoch < steps_per_epoch and progress.global_step < total_steps:
+        epoch_ended = False
+        while progress.global_step < total_steps and not epoch_ended:
             batch = next(batches, None)
-            if batch is None:
+            if batch is None:  # a stream ran out (map-style loaders end on the step count below)
+                epoch_ended = True
                 break
             data_wait = time.perf_counter() - step_started
             images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
@@ -245,7 +248,8 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
                         log.write(json.dumps({"step": progress.global_step, **metrics}) + "\n")
             if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
-        if progress.step_in_epoch >= steps_per_epoch:  # a full epoch ended
+            epoch_ended = progress.step_in_epoch == steps_per_epoch
+        if epoch_ended:
             progress.epoch += 1
             progress.step_in_epoch = 0
             if knn_loaders and (progress.epoch % args.knn_every_epochs == 0 or progress.global_step == total_steps):

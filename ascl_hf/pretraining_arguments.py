@@ -69,6 +69,7 @@ class PretrainingArguments:
     sgd_momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
+    warmup_steps: int | None = field(default=None, metadata={"help": "Overrides --warmup_epochs (streaming)."})
     max_grad_norm: float | None = None
     # --- infrastructure
     output_dir: str = "outputs/quickstart"

@@ -97,3 +97,10 @@ def test_yaml_presets_parse_and_flags_override_them(tmp_path):
     bad.write_text("queue_sise: 5\n")
     with pytest.raises(ValueError, match="unknown keys \\['queue_sise'\\]"):
         parse_pretraining_arguments(["--config", str(bad)])
+
+
+def test_streaming_dataset_trains_and_exports(tmp_path):
+    exported = run_pretraining(tiny_arguments(tmp_path, streaming=True, max_steps=3, warmup_steps=1))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert (exported / "model.safetensors").is_file()
