@@ -364,8 +364,9 @@ def linear_probe_classify(probe: LinearProbe, features: torch.Tensor, *, top: in
 
 
 @lru_cache(maxsize=None)
-def load_metric(name: str) -> "evaluate.EvaluationModule":
-    """Loads a metric module shipped in `ascl_hf/metrics/<name>/` by local path (no Hub access)."""
+def load_metric(name: str):
+    """Loads a metric module (an `evaluate.EvaluationModule`) shipped in `ascl_hf/metrics/<name>/` by local path
+    (no Hub access)."""
     path = METRICS_DIRECTORY / name
     if not (path / f"{name}.py").is_file():
         available = sorted(entry.name for entry in METRICS_DIRECTORY.iterdir() if entry.is_dir())

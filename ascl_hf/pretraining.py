@@ -4,7 +4,6 @@ optimiser and schedule → resume → loop → export. `scripts/pretrain.py` is 
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -161,7 +160,6 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             "lower --per_device_batch_size."
         )
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
     scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
     scheduler = accelerator.prepare(scheduler)

@@ -17,25 +17,24 @@ sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != SCRIP
 import argparse  # noqa: E402
 
 import datasets  # noqa: E402
-import numpy  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 import ascl_hf  # noqa: E402, F401  (registers AsclModel with AutoModel)
 from ascl_hf import evaluation, plots  # noqa: E402
-
-DIGITS_SEED = 0
+from ascl_hf.data import ImageSource, load_image_dataset  # noqa: E402
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported model folder or Hub id")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model's custom code")
-    parser.add_argument("--dataset", default="digits", help='imagefolder directory, Hub id, or "digits" (offline)')
+    parser.add_argument("--dataset", default="digits",
+                        help='"digits" or "fashion_mnist" (offline), an image folder, or a Hub id')
     parser.add_argument("--train_split", default="train", help="split used as kNN bank and probe training set")
     parser.add_argument("--test_split", default="test")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--image_column", default=None, help="detected when not given")
+    parser.add_argument("--label_column", default=None, help="detected when not given")
     parser.add_argument("--max_train_samples", type=int, default=None, help="cap the train split (quick runs)")
     parser.add_argument("--max_test_samples", type=int, default=None, help="cap the test split (quick runs)")
     parser.add_argument("--knn_k", type=int, default=200)
@@ -48,53 +47,16 @@ def parse_arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_digits_dataset() -> datasets.DatasetDict:
-    """sklearn's 8x8 digits (1797 images, 10 classes) as train/test splits, for offline runs.
-
-    A stand-in until `ascl_hf.data` offers built-in offline sets: stratified 80/20 split, fixed seed.
-    """
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    # Pixel values are 0..16; stretch them to the uint8 range real images have.
-    pixels = (digits.images * (255 / 16)).round().astype(numpy.uint8)  # (1797, 8, 8)
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)])}
-    )
-    dataset = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(image) for image in pixels], "label": digits.target.tolist()},
-        features=features,
-    )
-    return dataset.train_test_split(test_size=0.2, seed=DIGITS_SEED, stratify_by_column="label")
-
-
-def load_splits(arguments: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset]:
-    if arguments.dataset == "digits":
-        splits = load_digits_dataset()
-    elif Path(arguments.dataset).is_dir():
-        splits = datasets.load_dataset("imagefolder", data_dir=arguments.dataset)
-    else:
-        splits = datasets.load_dataset(arguments.dataset)
-    for split in (arguments.train_split, arguments.test_split):
-        if split not in splits:
-            raise SystemExit(f"Dataset {arguments.dataset} has no split {split!r}; its splits are {list(splits)}. "
-                             "Pass --train_split/--test_split.")
-    train, test = splits[arguments.train_split], splits[arguments.test_split]
-    if arguments.max_train_samples is not None:
-        train = train.shuffle(seed=0).select(range(min(arguments.max_train_samples, len(train))))
-    if arguments.max_test_samples is not None:
-        test = test.shuffle(seed=0).select(range(min(arguments.max_test_samples, len(test))))
-    return train, test
-
-
-def class_names_and_count(
-    dataset: datasets.Dataset, label_column: str, labels: torch.Tensor
-) -> tuple[list[str] | None, int]:
-    feature = dataset.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.names, feature.num_classes
-    return None, int(labels.max()) + 1
+def load_split(arguments: argparse.Namespace, split: str, cap: int | None) -> tuple[datasets.Dataset, ImageSource]:
+    """A labeled split with decoded (PIL) images, for the model's own image processor."""
+    source = load_image_dataset(arguments.dataset, split, image_column=arguments.image_column,
+                                label_column=arguments.label_column)
+    if source.label_column is None:
+        raise SystemExit(f"{arguments.dataset} ({split}) has no label column; pass --label_column.")
+    dataset = source.dataset.cast_column(source.image_column, datasets.Image())
+    if cap is not None:
+        dataset = dataset.shuffle(seed=0).select(range(min(cap, len(dataset))))
+    return dataset, source
 
 
 def print_table(records: list[dict]) -> None:
@@ -110,14 +72,15 @@ def main() -> None:
 
     model = AutoModel.from_pretrained(arguments.model, trust_remote_code=arguments.trust_remote_code).to(device)
     image_processor = AutoImageProcessor.from_pretrained(arguments.model, trust_remote_code=arguments.trust_remote_code)
-    train, test = load_splits(arguments)
+    train, source = load_split(arguments, arguments.train_split, arguments.max_train_samples)
+    test, _ = load_split(arguments, arguments.test_split, arguments.max_test_samples)
 
-    columns = dict(image_column=arguments.image_column, label_column=arguments.label_column)
+    columns = dict(image_column=source.image_column, label_column=source.label_column)
     loading = dict(batch_size=arguments.batch_size, num_workers=arguments.num_workers)
     train_features, train_labels = evaluation.extract_features(model, train, image_processor, **columns, **loading)
     test_features, test_labels = evaluation.extract_features(model, test, image_processor, **columns, **loading)
-    all_labels = torch.cat([train_labels, test_labels])
-    class_names, num_classes = class_names_and_count(train, arguments.label_column, all_labels)
+    class_names = source.class_names
+    num_classes = len(class_names) if class_names else int(torch.cat([train_labels, test_labels]).max()) + 1
 
     def record(metric: str, value: float, protocol: dict) -> dict:
         protocol = {**protocol, "train_split": arguments.train_split, "train_size": len(train_labels)}

@@ -9,24 +9,16 @@ A linear or MLP head is trained on the pooled features (`pooler_output`); the ba
 --train_backbone. Images are preprocessed with the folder's own image processor.
 """
 
-import sys
-from pathlib import Path
+import argparse
 
-# scripts/evaluate.py shares its name with the `evaluate` library that ascl_hf.evaluation imports; drop this
-# folder from the import path so the library is found.
-SCRIPT_DIRECTORY = Path(__file__).resolve().parent
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != SCRIPT_DIRECTORY]
+import datasets
+import torch
+from torch import nn
+from transformers import AutoImageProcessor, AutoModel
 
-import argparse  # noqa: E402
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoImageProcessor, AutoModel  # noqa: E402
-
-import ascl_hf  # noqa: E402, F401  (registers AsclModel with AutoModel)
-from ascl_hf.data import load_image_dataset  # noqa: E402
-from ascl_hf.evaluation import ImageBatchCollator  # noqa: E402
+import ascl_hf  # noqa: F401  (registers AsclModel with AutoModel)
+from ascl_hf.data import load_image_dataset
+from ascl_hf.evaluation import ImageBatchCollator
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,22 +8,16 @@
 Exits with status 1 and a retry command when the upload fails; the local folder is left as it was.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-# scripts/evaluate.py shares its name with the `evaluate` library that ascl_hf.evaluation imports; drop this
-# folder from the import path so the library is found.
-SCRIPT_DIRECTORY = Path(__file__).resolve().parent
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != SCRIPT_DIRECTORY]
+from huggingface_hub import ModelCard
+from transformers import AutoImageProcessor
 
-import argparse  # noqa: E402
-
-from huggingface_hub import ModelCard  # noqa: E402
-from transformers import AutoImageProcessor  # noqa: E402
-
-from ascl_hf import AsclModel  # noqa: E402
-from ascl_hf.evaluation import load_results  # noqa: E402
-from ascl_hf.hub import HubPushError, export_model, is_exported_folder, push_to_hub  # noqa: E402
+from ascl_hf import AsclModel
+from ascl_hf.evaluation import load_results
+from ascl_hf.hub import HubPushError, export_model, is_exported_folder, push_to_hub
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
