@@ -304,6 +304,10 @@ def export_pretrained(
                        Path(args.output_dir) / "knn_curve.png")
     folder = export_model(model, Path(args.output_dir) / "final", image_size=args.image_size,
                           image_mean=augment.mean, image_std=augment.std, card_data=card_facts, results=results)
+    if args.export_backbone:
+        export_model(model, Path(args.output_dir) / "final-backbone", image_size=args.image_size,
+                     image_mean=augment.mean, image_std=augment.std, card_data=card_facts, results=results,
+                     export_backbone=True)
     if args.push_to_hub:
         print(f"Pushed to {push_to_hub(folder, args.hub_model_id, private=args.hub_private)}")
     return folder

@@ -91,6 +91,10 @@ class PretrainingArguments:
     knn_every_epochs: int = 5
     knn_k: int = 200
     knn_temperature: float = 0.1
+    export_backbone: bool = field(
+        default=False,
+        metadata={"help": "Also write OUTPUT_DIR/final-backbone, a plain transformers ResNetModel (ImageNet stem only)."},
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = False
@@ -105,6 +109,11 @@ class PretrainingArguments:
         for name in ("image_size", "per_device_batch_size", "epochs", "logging_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.export_backbone and self.small_image_stem:
+            raise ValueError(
+                "--export_backbone needs the ImageNet-style stem: a plain ResNetModel cannot hold the 3x3 stride-1 "
+                "small-image stem. Drop --export_backbone or pass --no_small_image_stem."
+            )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id org/name.")
 

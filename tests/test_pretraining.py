@@ -104,3 +104,18 @@ def test_streaming_dataset_trains_and_exports(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3]
     assert (exported / "model.safetensors").is_file()
+
+
+def test_plain_backbone_export_matches_the_ascl_features(tmp_path):
+    from transformers import ResNetModel
+
+    exported = run_pretraining(tiny_arguments(tmp_path, small_image_stem=False, export_backbone=True, max_steps=2))
+    ascl = AutoModel.from_pretrained(exported).eval()
+    plain = ResNetModel.from_pretrained(tmp_path / "final-backbone").eval()
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(images).pooler_output.flatten(1), ascl(images).pooler_output)
+
+
+def test_plain_backbone_export_rejects_the_small_stem(tmp_path):
+    with pytest.raises(ValueError, match="--export_backbone needs the ImageNet-style stem"):
+        tiny_arguments(tmp_path, export_backbone=True)
