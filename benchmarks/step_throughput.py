@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from transformers import ResNetConfig
 
-import ascl_hf.modeling_ascl as modeling_ascl
+from ascl_hf import modeling_ascl
 from ascl_hf.configuration_ascl import AsclConfig
 from ascl_hf.loss import SoftLossOutput, moco_soft_loss
-from ascl_hf.modeling_ascl import AsclModel, pooled_features, use_small_image_stem
+from ascl_hf.modeling_ascl import AsclModel, pooled_features
 from ascl_hf.pretraining_arguments import BACKBONES
 
 COST_TARGET = 0.03  # ASCL may cost at most 3 % more time per image than relation "none"
