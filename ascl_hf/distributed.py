@@ -12,18 +12,26 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
+def sizes_of_all_processes(local_size: int, device: torch.device) -> list[int]:
+    """Every process's `local_size`, in rank order (batches can differ when unreadable images were skipped)."""
+    if world_size() == 1:
+        return [local_size]
+    size = torch.tensor([local_size], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    return [int(size.item()) for size in sizes]
+
+
 @torch.no_grad()
-def gather_from_all_processes(tensor: torch.Tensor) -> torch.Tensor:
+def gather_from_all_processes(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate `tensor` (n_r, ...) from every process in rank order → (Σ n_r, ...). No gradient.
 
-    Processes may hold different n_r (e.g. a short last batch): sizes are exchanged first and the rows padded.
+    Processes may hold different n_r: the sizes (from `sizes_of_all_processes`, exchanged here when not given) let
+    the rows be padded to one shape for the collective and trimmed after.
     """
     if world_size() == 1:
         return tensor
-    local_size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(local_size) for _ in range(world_size())]
-    dist.all_gather(sizes, local_size)
-    sizes = [int(size.item()) for size in sizes]
+    sizes = sizes or sizes_of_all_processes(tensor.shape[0], tensor.device)
     padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in sizes]

@@ -28,12 +28,13 @@ class SoftLossOutput:
 
     Attributes:
         loss: the objective, averaged over the batch (differentiable w.r.t. the query/prediction).
-        confidence: mean confidence conf_i of the neighbour distributions.
+        confidence: mean confidence conf_i of the neighbour distributions; None for relation "none", which
+            needs no neighbour distribution (computing it would cost the baseline a second (n, m) pass).
         max_neighbor_weight: mean over rows of the largest normalised target weight given to a non-positive.
     """
 
     loss: torch.Tensor
-    confidence: torch.Tensor
+    confidence: torch.Tensor | None
     max_neighbor_weight: torch.Tensor
 
 
@@ -95,23 +96,29 @@ def moco_soft_loss(
             f"Shape mismatch: query {tuple(query.shape)} and key {tuple(key.shape)} must be (n, d) and "
             f"queue {tuple(queue.shape)} must be (m, d)."
         )
-    query, key, queue = query.float(), key.float(), queue.float()
-    positive_logits = (query * key).sum(dim=1, keepdim=True)  # (n, 1)
-    negative_logits = query @ queue.T  # (n, m)
-    logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature  # (n, 1 + m)
+    # Written without the (n, 1 + m) target and logit matrices, which cost a full pass each at m = 65536:
+    # with y = [1, w] / (1 + Σw) and lse = logsumexp([l_pos, l_neg]),  -Σ_j y_j log softmax(l)_j
+    # = lse − (l_pos + w · l_neg) / (1 + Σw).
+    scaled_query = query.float() / temperature
+    key, queue = key.float(), queue.float()
+    positive_logits = (scaled_query * key).sum(dim=1)  # (n,)
+    negative_logits = scaled_query @ queue.T  # (n, m)
+    log_normaliser = torch.logaddexp(positive_logits, torch.logsumexp(negative_logits, dim=1))  # (n,)
 
+    if relation == "none":  # plain MoCo v2: InfoNCE, no neighbour distribution to compute
+        loss = (log_normaliser - positive_logits).mean()
+        return SoftLossOutput(loss, None, loss.new_zeros(()))
     with torch.no_grad():
         weights, confidence = neighbor_weights(
-            key.detach() @ queue.T,
+            key @ queue.T,
             relation=relation,
             num_neighbors=num_neighbors,
             target_temperature=target_temperature,
-        )
-        targets = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)  # (n, 1 + m)
-        targets = targets / targets.sum(dim=1, keepdim=True)
-
-    loss = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    return SoftLossOutput(loss, confidence.mean(), targets[:, 1:].max(dim=1).values.mean())
+        )  # (n, m), (n,)
+        target_mass = 1.0 + weights.sum(dim=1)  # (n,)
+    target_logit = (positive_logits + (weights * negative_logits).sum(dim=1)) / target_mass
+    loss = (log_normaliser - target_logit).mean()
+    return SoftLossOutput(loss, confidence.mean(), (weights.max(dim=1).values / target_mass).mean())
 
 
 def byol_soft_loss(

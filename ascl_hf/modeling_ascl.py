@@ -15,7 +15,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_ascl import AsclConfig
-from .distributed import broadcast_from_main, gather_from_all_processes, rank, world_size
+from .distributed import broadcast_from_main, gather_from_all_processes, rank, sizes_of_all_processes, world_size
 from .loss import byol_soft_loss, moco_soft_loss
 from .queue import KeyQueue
 
@@ -170,14 +170,14 @@ class AsclModel(AsclPreTrainedModel):
             halves = key_pixel_values[permutation].chunk(2)
             embedded = torch.cat([self._momentum_embed(half) for half in halves])
             return F.normalize(embedded[permutation.argsort()], dim=1)
-        all_pixel_values = gather_from_all_processes(key_pixel_values)  # (world_size * batch_size, ...)
-        if all_pixel_values.shape[0] != world_size() * batch_size:
-            raise ValueError("Shuffle-BN needs the same batch size on every process: use drop_last=True.")
-        permutation = broadcast_from_main(torch.randperm(all_pixel_values.shape[0], device=all_pixel_values.device))
-        own_rows = permutation.view(world_size(), batch_size)[rank()]
-        embedded = gather_from_all_processes(self._momentum_embed(all_pixel_values[own_rows]))
-        local_rows = permutation.argsort().view(world_size(), batch_size)[rank()]
-        return F.normalize(embedded[local_rows], dim=1)
+        # Shuffle-BN: permute the global key batch, let each process encode as many keys as it brought, undo.
+        sizes = sizes_of_all_processes(batch_size, key_pixel_values.device)
+        offset = sum(sizes[: rank()])
+        all_pixel_values = gather_from_all_processes(key_pixel_values, sizes)  # (Σ sizes, ...)
+        permutation = broadcast_from_main(torch.randperm(sum(sizes), device=key_pixel_values.device))
+        own_rows = permutation[offset : offset + batch_size]
+        embedded = gather_from_all_processes(self._momentum_embed(all_pixel_values[own_rows]), sizes)
+        return F.normalize(embedded[permutation.argsort()][offset : offset + batch_size], dim=1)
 
     def forward(
         self,
@@ -217,13 +217,14 @@ class AsclModel(AsclPreTrainedModel):
         key = self.encode_keys(key_pixel_values)  # (n, projection_dim)
         if config.framework == "byol":
             prediction = F.normalize(self.predictor(projection), dim=1)
+            sizes = sizes_of_all_processes(key.shape[0], key.device)
             return byol_soft_loss(
                 prediction,
-                gather_from_all_processes(key),
+                gather_from_all_processes(key, sizes),
                 relation=config.relation,
                 num_neighbors=config.num_neighbors,
                 target_temperature=config.target_temperature,
-                positive_offset=rank() * key.shape[0],
+                positive_offset=sum(sizes[: rank()]),
             )
         result = moco_soft_loss(
             F.normalize(projection, dim=1),

@@ -31,6 +31,31 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops before the bad update reaches the weights."""
 
 
+class NonFiniteLossWatch:
+    """Remembers the first step whose loss was NaN or infinite, without a host-device sync every step.
+
+    `check` (at logging steps, before every checkpoint and before the export) raises, so weights updated after a bad
+    step are never saved and the last checkpoint stays the last good one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far was finite
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        is_bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(is_bad & (self.first_bad_step == 0), step, self.first_bad_step)
+
+    def check(self, accelerator: Accelerator, last_checkpoint: Path | None) -> None:
+        steps = accelerator.gather(self.first_bad_step.reshape(1))  # every process's first bad step
+        bad_steps = steps[steps > 0]
+        if bad_steps.numel():
+            where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"Loss is NaN or infinite at step {int(bad_steps.min())}; stopping. {where}. Lower "
+                "--base_learning_rate, set --max_grad_norm, or use bf16 instead of fp16."
+            )
+
+
 class GeneratorState:
     """Makes a torch.Generator checkpointable through `accelerator.register_for_checkpointing`."""
 
@@ -180,6 +205,12 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
                desc="pretraining", dynamic_ncols=True)
     last_checkpoint = None
+    watch = NonFiniteLossWatch(accelerator.device)
+
+    def checkpoint(previous: Path | None) -> Path:
+        watch.check(accelerator, previous)
+        return save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+
     started = time.perf_counter()
     while progress.global_step < total_steps:
         model.train()
@@ -206,14 +237,7 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
                 query_view = query_view.contiguous(memory_format=torch.channels_last)
                 key_view = key_view.contiguous(memory_format=torch.channels_last)
             output = model(query_view, key_view)
-            loss_is_finite = accelerator.gather(torch.isfinite(output.loss.detach()).reshape(1)).all()
-            if not loss_is_finite:
-                where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"Loss is {output.loss.item()} at step {progress.global_step + 1} (epoch {progress.epoch}); "
-                    f"stopping before the update. {where}. Lower --base_learning_rate, set --max_grad_norm, or "
-                    "use bf16 instead of fp16."
-                )
+            watch.observe(output.loss, progress.global_step + 1)
             accelerator.backward(output.loss)
             if args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -229,23 +253,25 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             step_started = time.perf_counter()
             bar.update(1)
             if progress.global_step % args.logging_steps == 0 or progress.global_step == total_steps:
+                watch.check(accelerator, last_checkpoint)
                 metrics = {
                     "loss": output.loss.item(),
                     "learning_rate": scheduler.get_last_lr()[0],
-                    "confidence": output.confidence.item(),
                     "max_neighbor_weight": output.max_neighbor_weight.item(),
                     "images_per_second": global_batch_size / step_time,
                     "data_wait_fraction": data_wait / step_time,
                     "epoch": progress.epoch,
                 }
+                if output.confidence is not None:  # relation "none" computes no neighbour distribution
+                    metrics["confidence"] = output.confidence.item()
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.3g}",
-                                c=f"{metrics['confidence']:.2f}", img_s=f"{metrics['images_per_second']:.0f}")
+                                c=f"{metrics.get('confidence', float('nan')):.2f}", img_s=f"{metrics['images_per_second']:.0f}")
                 accelerator.log(metrics, step=progress.global_step)
                 if accelerator.is_main_process:
                     with open(output_dir / "train_log.jsonl", "a") as log:
                         log.write(json.dumps({"step": progress.global_step, **metrics}) + "\n")
             if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+                last_checkpoint = checkpoint(last_checkpoint)
             epoch_ended = progress.step_in_epoch == steps_per_epoch
         if epoch_ended:
             progress.epoch += 1
@@ -259,10 +285,10 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
                 with open(output_dir / "knn_log.jsonl", "a") as log:
                     log.write(json.dumps(knn_history[-1]) + "\n")
             accelerator.wait_for_everyone()
-            last_checkpoint = save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+            last_checkpoint = checkpoint(last_checkpoint)
     bar.close()
     if progress.step_in_epoch:  # stopped mid-epoch by --max_steps
-        save_checkpoint(accelerator, output_dir, progress.global_step, args.keep_checkpoints)
+        checkpoint(last_checkpoint)
     accelerator.end_training()
 
     # --- export

@@ -12,7 +12,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from ascl_hf import AsclConfig, AsclModel
 from conftest import tiny_backbone_config
 
-GLOBAL_BATCH, STEPS = 8, 3
+GLOBAL_BATCH, STEPS = 8, 4
 
 
 def main(output_path: str) -> None:
@@ -25,10 +25,13 @@ def main(output_path: str) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     images = torch.randn(STEPS, 2, GLOBAL_BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    local = GLOBAL_BATCH // accelerator.num_processes
-    rows = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
     record = {"losses": [], "queues": [], "pointers": []}
     for step in range(STEPS):
+        # Equal shares, except in the last step, where rank 0 brings 5 images and rank 1 only 3 (as when a
+        # corrupt image was skipped): shuffle-BN and the queue must cope with unequal batches.
+        shares = [GLOBAL_BATCH] if accelerator.num_processes == 1 else [4, 4] if step < STEPS - 1 else [5, 3]
+        start = sum(shares[: accelerator.process_index])
+        rows = slice(start, start + shares[accelerator.process_index])
         model.train()
         for module in model.modules():  # frozen BatchNorm statistics: results cannot depend on the batch split
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

@@ -30,21 +30,21 @@ def reference_weights(similarities, relation, num_neighbors, target_temperature)
 def reference_moco(query, key, queue, relation, num_neighbors, temperature, target_temperature):
     query, key, queue = (t.double().tolist() for t in (query, key, queue))
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
-    losses, confidences = [], []
+    losses, confidences, max_weights = [], [], []
     for q, k in zip(query, key):
         weights, confidence = reference_weights(
             [dot(k, z) for z in queue], relation, num_neighbors, target_temperature
         )
         targets = [1.0] + weights
         targets = [t / sum(targets) for t in targets]
+        max_weights.append(max(targets[1:]))
         logits = [dot(q, k) / temperature] + [dot(q, z) / temperature for z in queue]
         top = max(logits)
         log_normaliser = top + math.log(sum(math.exp(l - top) for l in logits))
         losses.append(-sum(t * (l - log_normaliser) for t, l in zip(targets, logits)))
         confidences.append(confidence)
-    return torch.tensor(sum(losses) / len(losses), dtype=torch.float64), torch.tensor(
-        sum(confidences) / len(confidences), dtype=torch.float64
-    )
+    mean = lambda values: torch.tensor(sum(values) / len(values), dtype=torch.float64)  # noqa: E731
+    return mean(losses), mean(confidences), mean(max_weights)
 
 
 def reference_byol(prediction, key, relation, num_neighbors, target_temperature):

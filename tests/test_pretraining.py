@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
         return result
 
     monkeypatch.setattr(ascl_hf.modeling_ascl, "moco_soft_loss", loss_that_breaks_at_step_3)
-    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint: .*step_00000002"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 3; stopping. last good checkpoint: .*step_00000002"):
         run_pretraining(tiny_arguments(tmp_path, checkpointing_steps=2))
     checkpoints = list_checkpoints(tmp_path)
     assert [path.name for path in checkpoints] == ["step_00000002"]
