@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
+# accelerate launch gives CPU-only runs one thread per process unless told otherwise.
+THREADS ?= $(shell nproc)
 
 .PHONY: venv test test-all pretrain benchmarks clean
 
@@ -23,7 +25,7 @@ test-all: venv
 	$(BIN)/python -m pytest -q -m ""
 
 pretrain: venv
-	$(BIN)/accelerate launch scripts/pretrain.py $(ARGS)
+	$(BIN)/accelerate launch --num_cpu_threads_per_process $(THREADS) scripts/pretrain.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -221,7 +221,12 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             epoch_loader = train_loader
         else:
             train_loader.set_epoch(progress.epoch)
-            epoch_loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+            # Only a resumed epoch needs a skipping copy: a new DataLoader would also restart the worker processes.
+            epoch_loader = (
+                accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+                if progress.step_in_epoch
+                else train_loader
+            )
         batches = iter(epoch_loader)
         step_started = time.perf_counter()
         epoch_ended = False

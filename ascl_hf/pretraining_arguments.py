@@ -46,7 +46,7 @@ class PretrainingArguments:
     predictor_hidden_size: int = 4096
     framework: Literal["moco", "byol"] = "moco"
     relation: Literal["ascl", "ahcl", "hard", "none"] = "ascl"
-    queue_size: int = 1024
+    queue_size: int = 256
     momentum: float = 0.99
     momentum_schedule: Literal["constant", "cosine"] = field(
         default="constant", metadata={"help": "'cosine' raises the momentum from --momentum to 1 (BYOL)."}
@@ -59,7 +59,7 @@ class PretrainingArguments:
     crop_scale_min: float = 0.2
     key_view: Literal["weak", "strong"] = "weak"
     # --- optimisation
-    epochs: int = 15
+    epochs: int = 8
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps (overrides epochs)."})
     per_device_batch_size: int = 128
     base_learning_rate: float = field(
@@ -88,7 +88,7 @@ class PretrainingArguments:
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Also save every N steps."})
     keep_checkpoints: int = 2
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
-    knn_every_epochs: int = 5
+    knn_every_epochs: int = 4
     knn_k: int = 200
     knn_temperature: float = 0.1
     export_backbone: bool = field(
