@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import ViTImageProcessorPil
+from transformers import BitImageProcessorPil
+from transformers.image_utils import PILImageResampling
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CUSTOM_CODE_FILES = ("configuration_ascl.py", "modeling_ascl.py", "loss.py", "queue.py", "distributed.py")
@@ -64,17 +65,22 @@ class HubPushError(RuntimeError):
 # ----------------------------------------------------------------------------- image processor
 
 
-def build_image_processor(image_size: int, image_mean: list[float], image_std: list[float]) -> ViTImageProcessorPil:
-    """A standard transformers image processor: resize to image_size², rescale to [0, 1], normalise.
+def build_image_processor(image_size: int, image_mean: list[float], image_std: list[float]) -> BitImageProcessorPil:
+    """A standard transformers image processor that reproduces pretraining's input pipeline (`ascl_hf.data`):
+    RGB, shorter side resized to `image_size` (bicubic), centre crop to image_size², rescale to [0, 1], normalise.
 
-    Saved as `ViTImageProcessor`, so `AutoImageProcessor` loads it anywhere (with or without torchvision, and
+    Saved as `BitImageProcessor`, so `AutoImageProcessor` loads it anywhere (with or without torchvision, and
     without ascl-hf installed) and the `image-feature-extraction` pipeline finds it.
     """
     if len(image_mean) != 3 or len(image_std) != 3:
         raise ValueError(f"image_mean and image_std need one value per RGB channel; got {image_mean}, {image_std}.")
-    return ViTImageProcessorPil(
+    return BitImageProcessorPil(
+        do_convert_rgb=True,
         do_resize=True,
-        size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
         do_rescale=True,
         do_normalize=True,
         image_mean=[float(value) for value in image_mean],

@@ -81,7 +81,7 @@ def parse_args(argv=None):
                         help="Class-balanced train images used for pretraining and as the kNN/probe train set.")
     parser.add_argument("--test_subset", type=int, default=5000,
                         help="Evaluate on the first N test images (0: all 10,000; ignored with --full).")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--full", action="store_true",
                         help="GPU protocol: all 60k images, ResNet-18, batch 256, queue 4096, 200 epochs.")
     parser.add_argument("--arms", nargs="+", default=["ascl", "moco", "random", "pixels"],

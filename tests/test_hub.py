@@ -130,7 +130,7 @@ def test_export_loads_without_ascl_hf_through_auto_classes_and_pipeline(model, e
             features = model(torch.load({str(tmp_path / "images.pt")!r})).pooler_output
         torch.testing.assert_close(features, torch.load({str(tmp_path / "expected.pt")!r}))
         processor = AutoImageProcessor.from_pretrained(folder)
-        assert processor.size["height"] == processor.size["width"] == 32, processor.size
+        assert processor.size["shortest_edge"] == processor.crop_size["height"] == processor.crop_size["width"] == 32
         image = Image.new("RGB", (50, 40), "teal")
         extractor = pipeline("image-feature-extraction", model=folder, trust_remote_code=True)
         assert numpy.array(extractor(image, pool=True)).shape == (1, 16)
@@ -186,7 +186,7 @@ def test_backbone_export_is_a_plain_resnet_that_classification_heads_load(model,
     assert any("classifier" in record.getMessage() for record in warnings)  # the new head, nothing else
     auto_classifier = AutoModelForImageClassification.from_pretrained(exported_backbone, num_labels=3)
     assert type(auto_classifier) is ResNetForImageClassification
-    assert type(AutoImageProcessor.from_pretrained(exported_backbone)).__name__.startswith("ViTImageProcessor")
+    assert type(AutoImageProcessor.from_pretrained(exported_backbone)).__name__.startswith("BitImageProcessor")
 
 
 def test_backbone_export_refuses_the_small_image_stem(tiny_config, tmp_path):
@@ -322,3 +322,23 @@ def test_finetune_script_trains_a_head_on_an_export(exported, capsys):
     accuracy = load_script("finetune").main(["--model", str(exported), "--epochs", "1", "--batch_size", "128"])
     assert 0.0 <= accuracy <= 1.0
     assert "epoch 1: train loss" in capsys.readouterr().out
+
+
+def test_exported_image_processor_reproduces_the_pretraining_input_pipeline():
+    """A non-square photo through the exported processor ≈ through ascl_hf.data + the kNN monitor's transform."""
+    import numpy
+    from PIL import Image
+
+    from ascl_hf.augment import EvalTransform
+    from ascl_hf.data import decode_to_rgb
+    from ascl_hf.hub import build_image_processor
+
+    pixels = numpy.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=numpy.uint8)
+    image = Image.fromarray(pixels).resize((200, 120), Image.Resampling.BICUBIC)  # smooth blobs, 5:3
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    processed = build_image_processor(32, mean, std)(images=image, return_tensors="pt")["pixel_values"]
+    trained_on = EvalTransform(32, mean, std)(decode_to_rgb(image, 32)[None])
+    assert processed.shape == trained_on.shape == (1, 3, 32, 32)
+    # Same crop and scale (resize-then-crop vs crop-then-resize moves the grid by under a pixel); squashing the
+    # whole 5:3 image into the square instead, as a plain height×width resize would, is ~7x further off.
+    assert (processed - trained_on).abs().mean() < 0.2
