@@ -56,8 +56,10 @@ def neighbor_weights(
             f"num_neighbors={num_neighbors} is invalid with {num_candidates} candidates: it must lie in "
             f"[1, {num_candidates}] (raise queue_size / batch size or lower num_neighbors)."
         )
-    log_probabilities = F.log_softmax(similarity / target_temperature, dim=1)  # (n, m)
-    probabilities = log_probabilities.exp()
+    # In-place steps on two (n, m) buffers: at m = 65536 every fresh (n, m) tensor is a 32 MB allocation.
+    log_probabilities = similarity / target_temperature  # (n, m)
+    log_probabilities -= torch.logsumexp(log_probabilities, dim=1, keepdim=True)
+    probabilities = log_probabilities.exp()  # (n, m)
     entropy = -(probabilities * log_probabilities).sum(dim=1)  # (n,)
     if num_candidates > 1:
         confidence = (1.0 - entropy / math.log(num_candidates)).clamp(0.0, 1.0)
@@ -67,7 +69,7 @@ def neighbor_weights(
     if relation == "none":
         return torch.zeros_like(similarity), confidence
     if relation == "ascl":
-        return (num_neighbors * confidence[:, None] * probabilities).clamp(max=1.0), confidence
+        return probabilities.mul_(num_neighbors * confidence[:, None]).clamp_(max=1.0), confidence
     top_indices = similarity.topk(num_neighbors, dim=1).indices  # (n, K)
     top_values = confidence[:, None].expand_as(top_indices) if relation == "ahcl" else torch.ones_like(top_indices)
     weights = torch.zeros_like(similarity).scatter_(1, top_indices, top_values.to(similarity.dtype))
