@@ -5,11 +5,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from unittest import mock
 
@@ -27,7 +23,7 @@ from transformers import (
 )
 
 from ascl_hf import AsclConfig, AsclModel, hub
-from conftest import tiny_backbone_config
+from conftest import run_without_ascl_hf, tiny_backbone_config
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 CARD_MODEL_ID = "your-org/ascl-tiny"
@@ -114,13 +110,7 @@ def test_export_folder_holds_exactly_what_a_user_needs(exported):
 def test_export_loads_without_ascl_hf_through_auto_classes_and_pipeline(model, exported, images, tmp_path):
     torch.save(images, tmp_path / "images.pt")
     torch.save(model(images).pooler_output, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        class BlockAsclHf:  # only the folder's own code may be used
-            def find_spec(self, name, path=None, target=None):
-                if name == "ascl_hf" or name.startswith("ascl_hf."):
-                    raise ImportError("ascl_hf is hidden in this test")
-        sys.meta_path.insert(0, BlockAsclHf())
+    stdout = run_without_ascl_hf(f"""
         import numpy, torch
         from PIL import Image
         from transformers import AutoImageProcessor, AutoModel, pipeline
@@ -141,12 +131,8 @@ def test_export_loads_without_ascl_hf_through_auto_classes_and_pipeline(model, e
         torch.testing.assert_close(torch.tensor(extractor(image, pool=True)), expected)
         assert "ascl_hf" not in sys.modules
         print("export-ok", type(model).__module__)
-    """)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "export-ok transformers_modules" in result.stdout
+    """, tmp_path)
+    assert "export-ok transformers_modules" in stdout
 
 
 # ----------------------------------------------------------------------------- (b) clean, small weights

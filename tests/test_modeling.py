@@ -1,8 +1,4 @@
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -10,7 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, ConvNextConfig
 
 from ascl_hf import AsclConfig, AsclModel
-from conftest import tiny_backbone_config
+from conftest import run_without_ascl_hf, tiny_backbone_config
 
 
 def images(n=4, size=32):
@@ -130,13 +126,7 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(tiny_config, t
     x = images(3)
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x).pooler_output, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        class BlockAsclHf:  # the package must not be importable: only the folder's own code may be used
-            def find_spec(self, name, path=None, target=None):
-                if name == "ascl_hf" or name.startswith("ascl_hf."):
-                    raise ImportError("ascl_hf is hidden in this test")
-        sys.meta_path.insert(0, BlockAsclHf())
+    stdout = run_without_ascl_hf(f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
@@ -144,9 +134,5 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(tiny_config, t
         x = torch.load({str(tmp_path / "x.pt")!r})
         torch.testing.assert_close(model(x).pooler_output, torch.load({str(tmp_path / "expected.pt")!r}))
         print("remote-code-ok", type(model).__module__)
-    """)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote-code-ok transformers_modules" in result.stdout
+    """, tmp_path)
+    assert "remote-code-ok transformers_modules" in stdout
