@@ -311,7 +311,7 @@ def main(argv=None):
 def print_table(summary: dict, differences: dict, num_seeds: int) -> None:
     names = {"ascl": "ASCL (relation ascl)", "moco": "MoCo v2 (relation none)", "random": "random init",
              "pixels": "raw pixels"}
-    print(f"\n| arm | kNN top-1 (%) | linear probe (fast) top-1 (%) |\n|---|---|---|")
+    print("\n| arm | kNN top-1 (%) | linear probe (fast) top-1 (%) |\n|---|---|---|")
     for arm, metrics in summary.items():
         cells = [f"{m['mean']:.2f} ± {m['std']:.2f}" if len(m["values"]) > 1 else f"{m['mean']:.2f}"
                  for m in (metrics["knn_top1"], metrics["linear_fast_top1"])]
