@@ -240,3 +240,27 @@ def test_evaluate_script_end_to_end(tiny_model_folder, tmp_path):
     assert 0.1 < results["records"][0]["value"] <= 1.0
     for figure in ("embedding_map.png", "knn_curve.png"):
         assert (output_directory / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_script_on_an_ascl_export_through_its_own_code(tiny_config, tmp_path):
+    """scripts/evaluate.py on an exported AsclModel folder with --trust_remote_code, as for a Hub export.
+
+    The script imports ascl_hf, whose explicit AutoModel registration transformers prefers over the folder's copy
+    of the same code; loading without the package is covered in test_modeling.py and test_hub.py.
+    """
+    from ascl_hf import AsclModel
+    from ascl_hf.hub import export_model
+
+    folder = export_model(AsclModel(tiny_config).eval(), tmp_path / "export", image_size=32,
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    command = [
+        sys.executable, str(REPOSITORY / "scripts" / "evaluate.py"), "--model", str(folder), "--trust_remote_code",
+        "--dataset", "digits", "--max_train_samples", "200", "--max_test_samples", "60", "--knn_k", "20",
+        "--linear_probe", "none", "--output_dir", str(tmp_path / "evaluation"),
+    ]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = evaluation.load_results(tmp_path / "evaluation" / "results.json")["records"]
+    assert [record["metric"] for record in records] == ["knn_top1_accuracy", "knn_top5_accuracy"]
+    assert 0.1 < records[0]["value"] <= 1.0
