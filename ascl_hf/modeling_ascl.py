@@ -143,6 +143,9 @@ class AsclModel(AsclPreTrainedModel):
         """Copy the query encoder (weights and BatchNorm statistics) into the momentum encoder."""
         self.momentum_backbone.load_state_dict(self.backbone.state_dict())
         self.momentum_projection.load_state_dict(self.projection.state_dict())
+        # from_pretrained re-creates missing (momentum) weights as trainable: they must stay out of the optimiser.
+        self.momentum_backbone.requires_grad_(False)
+        self.momentum_projection.requires_grad_(False)
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float | None = None) -> None:

@@ -2,6 +2,7 @@
 optimiser and schedule → resume → loop → export. `scripts/pretrain.py` is its command-line entry point.
 """
 
+import itertools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from .augment import AugmentConfig, EvalTransform, TwoViewAugment
 from .checkpointing import TrainingProgress, resolve_checkpoint, save_checkpoint
 from .configuration_ascl import AsclConfig
 from .data import build_pretraining_dataloader, load_image_dataset, load_labeled_split
+from .distributed import broadcast_from_main
 from .evaluation import extract_features, knn_classify, make_record
 from .hub import export_model, push_to_hub
 from .modeling_ascl import AsclModel
@@ -56,17 +58,10 @@ class NonFiniteLossWatch:
             )
 
 
-class GeneratorState:
-    """Makes a torch.Generator checkpointable through `accelerator.register_for_checkpointing`."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+def augmentation_seed(seed: int, process_index: int, step: int) -> int:
+    """A distinct seed per (run seed, process, step): the views of any step are reproducible on resume without
+    saving generator state, and processes never draw the same crops."""
+    return (((seed & 0x7FFF) << 48) | ((process_index & 0xFFFF) << 32) | (step & 0xFFFFFFFF)) & (2**63 - 1)
 
 
 def build_model_config(args: PretrainingArguments) -> AsclConfig:
@@ -141,8 +136,7 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     augment = TwoViewAugment(AugmentConfig(
         image_size=args.image_size, crop_scale=(args.crop_scale_min, 1.0), key_view=args.key_view,
     ))
-    # Each process draws its own augmentations; the generator is checkpointed for exact resume.
-    augment_generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+    augment_generator = torch.Generator()  # reseeded every step with `augmentation_seed`
     knn_loaders = None
     if args.knn_train_split != "none" and args.knn_every_epochs > 0 and accelerator.is_main_process:
         knn_source = args.knn_dataset or args.dataset
@@ -173,8 +167,8 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
 
     if source.streaming:  # the stream is sharded by `split_dataset_by_node`; accelerate must not shard it again
         model, optimizer = accelerator.prepare(model, optimizer)
-        if not args.max_steps:
-            raise ValueError("--streaming has no length: pass --max_steps (and --warmup_steps).")
+        if not args.max_steps or args.warmup_steps is None:
+            raise ValueError("--streaming has no length: pass --max_steps and --warmup_steps.")
         steps_per_epoch = args.max_steps  # an "epoch" is one pass over the stream, however long it is
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -187,10 +181,14 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
     scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
-    scheduler = accelerator.prepare(scheduler)
+    # Not `prepare`d: its steps are already optimiser steps, and Accelerate's wrapper would step it once per
+    # process. Registered instead, so checkpoints still hold it.
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress, GeneratorState(augment_generator))
+    accelerator.register_for_checkpointing(scheduler, progress)
     unwrapped = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:  # DDP without buffer broadcast leaves the queue and BN statistics per rank
+        for tensor in unwrapped.state_dict().values():
+            broadcast_from_main(tensor)
 
     # --- resume
     if args.resume_from_checkpoint:
@@ -218,7 +216,8 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             freeze_batch_norm(model)
         if source.streaming:
             train_loader.dataset.set_epoch(progress.epoch)
-            epoch_loader = train_loader
+            # A stream cannot seek: a resumed epoch reads (and drops) the batches it had already trained on.
+            epoch_loader = itertools.islice(train_loader, progress.step_in_epoch, None)
         else:
             train_loader.set_epoch(progress.epoch)
             # Only a resumed epoch needs a skipping copy: a new DataLoader would also restart the worker processes.
@@ -232,11 +231,22 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
         epoch_ended = False
         while progress.global_step < total_steps and not epoch_ended:
             batch = next(batches, None)
+            if source.streaming and accelerator.num_processes > 1:
+                # Shards can end at different steps; every process must stop together, or the others would
+                # wait forever in the step's collectives.
+                has_batch = torch.tensor(float(batch is not None), device=accelerator.device)
+                batch = batch if accelerator.reduce(has_batch, reduction="min").item() else None
             if batch is None:  # a stream ran out (map-style loaders end on the step count below)
                 epoch_ended = True
                 break
+            if batch["pixel_values"].shape[0] == 0:
+                raise ValueError(
+                    f"Every image of the batch at step {progress.global_step + 1} was unreadable (see the warnings "
+                    "above): check the dataset, or raise --per_device_batch_size."
+                )
             data_wait = time.perf_counter() - step_started
             images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            augment_generator.manual_seed(augmentation_seed(args.seed, accelerator.process_index, progress.global_step))
             query_view, key_view = augment(images, augment_generator)
             if args.channels_last:
                 query_view = query_view.contiguous(memory_format=torch.channels_last)
@@ -294,25 +304,27 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     bar.close()
     if progress.step_in_epoch:  # stopped mid-epoch by --max_steps
         checkpoint(last_checkpoint)
-    accelerator.end_training()
 
-    # --- export
+    # --- export (main process), then close the trackers and the process group
+    exported = None
+    if accelerator.is_main_process:
+        card_facts = {
+            "model_id": args.hub_model_id or str(output_dir / "final"),
+            "pretraining_data": f"`{args.dataset}` ({args.dataset_split} split), {args.image_size} px",
+            "epochs": round(total_steps / steps_per_epoch, 2),
+            "steps": total_steps,
+            "batch_size": global_batch_size,
+            "learning_rate": learning_rate,
+            "hardware": f"{accelerator.num_processes} x {device_name(accelerator.device)}",
+            "training_time": f"{(time.perf_counter() - started) / 60:.1f} min"
+            + (" (since the resume)" if args.resume_from_checkpoint else ""),
+        }
+        if "/" in args.dataset and not Path(args.dataset).exists():
+            card_facts["datasets"] = [args.dataset]
+        exported = export_pretrained(unwrapped, args, augment, knn_history, card_facts)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
-    card_facts = {
-        "model_id": args.hub_model_id or str(output_dir / "final"),
-        "pretraining_data": f"`{args.dataset}` ({args.dataset_split} split), {args.image_size} px",
-        "epochs": round(total_steps / steps_per_epoch, 2),
-        "steps": total_steps,
-        "batch_size": global_batch_size,
-        "learning_rate": learning_rate,
-        "hardware": f"{accelerator.num_processes} x {device_name(accelerator.device)}",
-        "training_time": f"{(time.perf_counter() - started) / 60:.1f} min (this session{', resumed' if args.resume_from_checkpoint else ''})",
-    }
-    if "/" in args.dataset and not Path(args.dataset).exists():
-        card_facts["datasets"] = [args.dataset]
-    return export_pretrained(unwrapped, args, augment, knn_history, card_facts)
+    accelerator.end_training()  # also destroys the process group: no collective may follow
+    return exported
 
 
 def device_name(device: torch.device) -> str:

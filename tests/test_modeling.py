@@ -116,6 +116,8 @@ def test_save_load_round_trip_gives_identical_features_and_drops_training_state(
     torch.testing.assert_close(loaded(x).pooler_output, model(x).pooler_output)
     for query, key in zip(loaded.backbone.state_dict().values(), loaded.momentum_backbone.state_dict().values()):
         torch.testing.assert_close(query, key)  # the momentum encoder restarts as a copy of the query encoder
+    momentum_parameters = [*loaded.momentum_backbone.parameters(), *loaded.momentum_projection.parameters()]
+    assert not any(parameter.requires_grad for parameter in momentum_parameters)
 
 
 def test_trust_remote_code_in_a_fresh_process_without_the_package(tiny_config, tmp_path):
