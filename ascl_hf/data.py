@@ -124,11 +124,20 @@ def detect_image_column(features: datasets.Features | None, columns: list[str]) 
 
 
 def detect_label_column(features: datasets.Features | None, columns: list[str]) -> str | None:
-    """The first `datasets.ClassLabel` column, else one with a conventional label name, else None."""
+    """The first `datasets.ClassLabel` column, else one with a conventional label name holding integers, else None.
+
+    A conventional name with non-integer values (e.g. strings) is not taken: labels are only needed for the kNN
+    monitor and evaluation, and a string column would fail there (pass a ClassLabel column explicitly instead).
+    """
     for name, feature in (features or {}).items():
         if isinstance(feature, datasets.ClassLabel):
             return name
-    return next((name for name in LABEL_COLUMN_NAMES if name in columns), None)
+    for name in LABEL_COLUMN_NAMES:
+        feature = (features or {}).get(name)
+        is_integer = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+        if name in columns and (features is None or is_integer):
+            return name
+    return None
 
 
 def load_digits_dataset(split: str = "train") -> datasets.Dataset:

@@ -205,3 +205,14 @@ def test_bad_files_do_not_stop_dataloader_workers(image_folder, tmp_path):
     loader = build_pretraining_dataloader(source, image_size=8, batch_size=8, num_workers=1)
     batches = collect(loader)  # the warnings are printed by the worker process
     assert [len(batch["pixel_values"]) for batch in batches] == [6]  # skipped samples are dropped
+
+
+def test_string_label_columns_are_not_detected_as_class_labels():
+    import datasets as hf_datasets
+
+    from ascl_hf.data import detect_label_column
+
+    strings = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.Value("string")})
+    integers = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.Value("int64")})
+    assert detect_label_column(strings, list(strings)) is None
+    assert detect_label_column(integers, list(integers)) == "label"
