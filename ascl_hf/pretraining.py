@@ -191,10 +191,11 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
             broadcast_from_main(tensor)
 
     # --- resume
+    last_checkpoint = None
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint} at step {progress.global_step}.")
+        last_checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(last_checkpoint))
+        accelerator.print(f"Resumed from {last_checkpoint} at step {progress.global_step}.")
     if args.report_to != "none":
         accelerator.init_trackers("ascl", config={k: v for k, v in vars(args).items() if v is not None})
 
@@ -202,7 +203,6 @@ def run_pretraining(args: PretrainingArguments) -> Path | None:
     knn_history = []
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
                desc="pretraining", dynamic_ncols=True)
-    last_checkpoint = None
     watch = NonFiniteLossWatch(accelerator.device)
 
     def checkpoint(previous: Path | None) -> Path:
