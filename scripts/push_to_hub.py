@@ -16,11 +16,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor
 
 from ascl_hf import AsclModel
+from ascl_hf.augment import IMAGENET_MEAN, IMAGENET_STD
 from ascl_hf.evaluation import load_results
 from ascl_hf.hub import HubPushError, export_model, is_exported_folder, push_to_hub
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +43,7 @@ def export_first(arguments: argparse.Namespace) -> Path:
     """Exports a save_pretrained folder, taking size and normalisation from its image processor when it has one."""
     model_dir = Path(arguments.model_dir)
     model = AsclModel.from_pretrained(model_dir).eval()
-    image_size, image_mean, image_std = arguments.image_size or 224, IMAGENET_MEAN, IMAGENET_STD
+    image_size, image_mean, image_std = arguments.image_size or 224, list(IMAGENET_MEAN), list(IMAGENET_STD)
     if (model_dir / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(model_dir)
         image_size = arguments.image_size or processor.size["height"]
